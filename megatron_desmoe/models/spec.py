@@ -1,0 +1,154 @@
+"""The one place that builds Megatron layer specs for the project's MoE models.
+
+Later components (the DES-MoE router, experts and layer) are plugged in here through
+Megatron's submodule specs: `MoEClasses` names the classes that replace TopKRouter,
+SequentialMLP and MoELayer inside every MoE layer's spec. Nothing is monkeypatched.
+
+Backends: "local" (pure Megatron-Core modules, runs on CPU) and "te" (Transformer Engine,
+GPU; needed for FP8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Optional
+
+from megatron_desmoe.compat import ensure_megatron_importable
+
+ensure_megatron_importable()
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
+from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention  # noqa: E402
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules  # noqa: E402
+from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.utils import divide  # noqa: E402
+
+from megatron_desmoe.errors import ConfigError  # noqa: E402
+
+BACKENDS = ("local", "te")
+
+
+@dataclass(frozen=True)
+class MoEClasses:
+    """Classes placed into every MoE layer's spec (stock Megatron by default)."""
+
+    router: type = TopKRouter
+    experts: type = SequentialMLP
+    layer: type = MoELayer
+
+
+class LocalMLACoreAttention(DotProductAttention):
+    """Megatron's local core attention, accepting multi-latent attention's head widths.
+
+    MLASelfAttention passes k_channels / v_channels (query-key and value widths differ,
+    192 and 128 for DeepSeek-V2); the local DotProductAttention takes neither and sizes its
+    output by kv_channels. Only the TE backend handles this upstream.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, k_channels=None,
+                 v_channels=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        if v_channels is not None:
+            tp_size = config.tensor_model_parallel_size
+            self.hidden_size_per_partition = divide(v_channels * config.num_attention_heads, tp_size)
+
+
+class LocalMLASelfAttention(MLASelfAttention):
+    """MLA with local (non-TE) linears when queries have no LoRA (DeepSeek-V2-Lite).
+
+    With qk_layernorm on and q_lora_rank None, Megatron 0.19.2's QKNormConfigResolver asks
+    for a fused norm+linear `linear_q_proj`, which only TE provides (RuntimeError
+    "qk_layernorm requires TransformerEngine ..."), although DeepSeek-V2-Lite has no query
+    norm at all, only the norm on the compressed key/value latent. Here: plain q projection,
+    no q norm, a standalone kv norm followed by a plain kv up-projection.
+    """
+
+    def _resolve_qk_norm_config(self, submodules):
+        if self.config.q_lora_rank is not None:
+            return super()._resolve_qk_norm_config(submodules)
+        return dict(
+            linear_q_proj=submodules.linear_q_proj,
+            linear_q_up_proj=IdentityOp,
+            linear_kv_up_proj=submodules.linear_kv_up_proj,
+            q_layernorm=IdentityOp,
+            kv_layernorm=submodules.kv_layernorm,
+        )
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises RuntimeError (not ImportError) without CUDA
+        return False
+    return True
+
+
+def backend_of(config: TransformerConfig) -> str:
+    return "te" if config.transformer_impl == "transformer_engine" else "local"
+
+
+def build_block_spec(
+    config: TransformerConfig,
+    backend: str = "local",
+    moe_classes: MoEClasses = MoEClasses(),
+    pp_rank: Optional[int] = None,
+    vp_stage: Optional[int] = None,
+) -> TransformerBlockSubmodules:
+    """Layer specs for this pipeline stage, with `moe_classes` in every MoE layer."""
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"unknown backend {backend!r}", f"use one of {BACKENDS}")
+    if backend == "te" and not te_available():
+        raise ConfigError(
+            "backend", "the Transformer Engine backend needs transformer_engine (and CUDA)",
+            "install requirements-gpu.txt on a GPU machine, or use backend='local'",
+        )
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=backend == "te", normalization=config.normalization,
+        pp_rank=pp_rank, vp_stage=vp_stage,
+    )
+    layers = [_customise_layer(spec, config, backend, moe_classes) for spec in block.layer_specs]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=block.layer_norm)
+
+
+def _customise_layer(spec: ModuleSpec, config, backend: str, moe_classes: MoEClasses) -> ModuleSpec:
+    submodules = spec.submodules
+    if backend == "local" and config.multi_latent_attention:
+        submodules = _local_mla_fixes(submodules, config)
+    mlp = submodules.mlp
+    if isinstance(mlp, partial) and isinstance(mlp.func, type) and issubclass(mlp.func, MoELayer):
+        submodules = replace(submodules, mlp=_inject_moe_classes(mlp, moe_classes))
+    return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+
+
+def _inject_moe_classes(mlp: partial, classes: MoEClasses) -> partial:
+    moe_submodules: MoESubmodules = mlp.keywords["submodules"]
+    experts = moe_submodules.experts
+    if isinstance(experts, partial) and experts.func is SequentialMLP:
+        experts = partial(classes.experts, *experts.args, **experts.keywords)
+    new_submodules = replace(moe_submodules, router=classes.router, experts=experts)
+    keywords = dict(mlp.keywords, submodules=new_submodules)
+    return partial(classes.layer, *mlp.args, **keywords)
+
+
+def _local_mla_fixes(submodules, config):
+    """Local-backend MLA: core attention with MLA head widths; no q norm without q LoRA.
+
+    The local spec always puts a q layernorm in MLA layers, which MLA rejects when
+    q_lora_rank is None ("q_layernorm ... is non-trivial"), as in DeepSeek-V2-Lite.
+    """
+    attention = submodules.self_attention
+    attn_sub = replace(attention.submodules, core_attention=LocalMLACoreAttention)
+    if config.q_lora_rank is None:
+        attn_sub = replace(attn_sub, q_layernorm=IdentityOp)
+    new_attention = ModuleSpec(module=LocalMLASelfAttention, params=attention.params, submodules=attn_sub)
+    return replace(submodules, self_attention=new_attention)
