@@ -10,7 +10,6 @@ scaling) runs unchanged on the adapted logits.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -64,9 +63,9 @@ class DESMoERouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.desmoe = desmoe
         self.adapter: Optional[RouterAdapter] = None
-        if desmoe.method == "desmoe":
+        if desmoe.uses_adapter:
             self.adapter = RouterAdapter(
-                config.hidden_size, _adapter_width(desmoe, config.hidden_size),
+                config.hidden_size, desmoe.adapter_width(config.hidden_size),
                 config.num_moe_experts, config.init_method, config.sequence_parallel,
             )
         self.affinity = AffinityState(desmoe.num_domains, config.num_moe_experts,
@@ -124,9 +123,3 @@ class DESMoERouter(TopKRouter):
         # Enters backward like Megatron's load-balancing loss: attached to probs, scaled by
         # the schedule's loss scale (1 / num_microbatches).
         return MoEAuxLossAutoScaler.apply(probs, self.kd_weight * kd_loss)
-
-
-def _adapter_width(desmoe: DESMoEConfig, hidden_size: int) -> int:
-    if desmoe.adapter_hidden_size:
-        return desmoe.adapter_hidden_size
-    return max(1, int(math.ceil(desmoe.adapter_hidden_multiplier * hidden_size)))
