@@ -7,7 +7,7 @@ T_update steps (counts all-reduced over the ranks that see different tokens), an
 the affinity for checkpoints and plots.
 
 Typical loop:
-    controller.freeze_never_trainable()            # before DDP / optimizer are built
+    build_training_model(..., trainable=ever_trainable(config))  # frozen: no optimizer state
     for step in range(start, total):
         controller.begin_step(step)
         ... forward/backward (micro-batches under domain_ids_context) ...
@@ -65,6 +65,20 @@ def parameter_group(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no DES-MoE parameter group")
 
 
+def ever_trainable(config: DESMoEConfig):
+    """`(name, param) -> bool`: whether any phase of `config` trains the parameter. The rest
+    is frozen before DDP wrapping, so it gets no gradient buffer and no optimizer state
+    (engine.build_training_model's `trainable=` argument)."""
+    groups = set().union(*(trainable_groups(config, phase) for phase in ALL_PHASES))
+    if groups & {"routed_experts", "associated_experts", "selected_experts"}:
+        groups.add("routed_experts")
+
+    def trainable(name: str, param=None) -> bool:
+        return parameter_group(name) in groups
+
+    return trainable
+
+
 class DESMoEController:
     def __init__(self, model_chunks: Iterable[torch.nn.Module], config: DESMoEConfig,
                  total_steps: int, esft_selected: Optional[dict[int, torch.Tensor]] = None):
@@ -85,17 +99,12 @@ class DESMoEController:
             yield from chunk.named_parameters()
 
     def freeze_never_trainable(self) -> list[str]:
-        """requires_grad=False for parameters no phase trains: no grad buffer, no optimizer
-        state. Call before wrapping in DDP and building the optimizer."""
-        ever = set().union(*(trainable_groups(self.config, phase) for phase in ALL_PHASES))
-        expert_groups = {"routed_experts", "associated_experts", "selected_experts"}
-        frozen = []
+        """requires_grad=False for parameters no phase trains (use before DDP wrapping)."""
+        trainable = ever_trainable(self.config)
+        frozen = [name for name, param in self.named_parameters() if not trainable(name)]
         for name, param in self.named_parameters():
-            group = parameter_group(name)
-            trainable = group in ever or (group == "routed_experts" and ever & expert_groups)
-            if not trainable:
+            if name in frozen:
                 param.requires_grad_(False)
-                frozen.append(name)
         return frozen
 
     # ------------------------------------------------------------------ per step
