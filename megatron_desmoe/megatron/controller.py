@@ -137,9 +137,20 @@ class DESMoEController:
                     skip.update(expert.parameters())
         return skip
 
+    def refresh_due(self, step: int) -> bool:
+        """Every `affinity_update_interval` steps, and always at the end of warm-up so that
+        stabilisation starts from a mask built on warm-up's routing (an interval longer
+        than warm-up would otherwise leave the all-True initial mask in force)."""
+        if (step + 1) % self.config.affinity_update_interval == 0:
+            return True
+        warmup_ends = (self.phase == Phase.WARMUP and step + 1 < self.total_steps and
+                       phase_at(step + 1, self.total_steps, self.config.phase_boundaries)
+                       != Phase.WARMUP)
+        return warmup_ends
+
     def end_step(self, step: int) -> bool:
-        """Refresh the affinity every `affinity_update_interval` steps. True if refreshed."""
-        if (step + 1) % self.config.affinity_update_interval:
+        """Refresh the affinity when due (see refresh_due). True if refreshed."""
+        if not self.refresh_due(step):
             return False
         for router in self.routers:
             counts, tokens = router.affinity.window_counts()
@@ -185,8 +196,28 @@ class DESMoEController:
         return {router.layer_number: router.affinity.state_dict() for router in self.routers}
 
     def load_affinity_by_layer(self, states: dict[int, dict]) -> None:
+        """Restore affinity; the saved window counts are global sums, so one rank per reduce
+        group keeps them and the others start from zero (sums stay exact)."""
         for router in self.routers:
             router.affinity.load_state_dict(states[router.layer_number])
+            group = router.tp_dp_cp_group
+            if dist.is_initialized() and dist.get_rank(group) != 0:
+                router.affinity.counts.zero_()
+                router.affinity.tokens.zero_()
+
+    def gather_affinity_windows(self) -> None:
+        """Before a checkpoint: sum the open window over the ranks that see different
+        tokens and keep the sum on one rank, so the saved window is the global one."""
+        for router in self.routers:
+            group = router.tp_dp_cp_group
+            if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+                continue
+            counts, tokens = router.affinity.window_counts()
+            dist.all_reduce(counts, group=group)
+            dist.all_reduce(tokens, group=group)
+            if dist.get_rank(group) != 0:
+                counts.zero_()
+                tokens.zero_()
 
 
 def _group_trains(group: str, groups: frozenset) -> bool:

@@ -197,6 +197,10 @@ def test_distillation_gradient_matches_hand_written_kl():
         _loss(model, tokens, positions, domains).backward()
         return [r.adapter.fc1.weight.grad.clone() for r in _routers(model)]
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # the schedule sets this process-global scale (1 / num_microbatches); outside one it is 1
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     without = adapter_grads(0.0)
     with_kd = adapter_grads(0.3)
     tau = 0.7
