@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import (  # noqa: E402
 
 from megatron_desmoe.errors import ConfigError  # noqa: E402
 from megatron_desmoe.models.presets import MoEModelConfig  # noqa: E402
+from megatron_desmoe.models.qk_norm import with_full_width_qk_norm  # noqa: E402
 from megatron_desmoe.models.spec import BACKENDS, MoEClasses, build_block_spec, backend_of  # noqa: E402
 
 DISPATCHERS = ("alltoall", "allgather", "flex")
@@ -164,6 +165,8 @@ def transformer_config(
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
     )
+    if parallel.pipeline_parallel > 1:  # dtype of activations sent between stages
+        kwargs.update(pipeline_dtype=DTYPES[dtype])
     if fp8:
         kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
     if model.mla is not None:
@@ -220,6 +223,8 @@ def build_gpt_model(
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     spec = build_block_spec(config, backend=backend_of(config), moe_classes=moe_classes, pp_rank=pp_rank)
+    if model.qk_layernorm_full_width:  # OLMoE: one RMSNorm over all heads, not per head
+        spec = with_full_width_qk_norm(spec)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
