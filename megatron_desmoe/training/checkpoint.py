@@ -70,7 +70,7 @@ def _per_rank_object(key: str, data: Any) -> ShardedObject:
 
 def _sharded_state(model_chunks, optimizer, controller, extra_per_rank: dict,
                    for_loading: bool) -> dict:
-    model_state = model_chunks[0].sharded_state_dict()
+    model_state = _unwrapped(model_chunks).sharded_state_dict()
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -166,7 +166,7 @@ def load_checkpoint(load_dir: str | Path, model_chunks, optimizer, *, controller
     template = _sharded_state(model_chunks, optimizer, controller,
                               {key: None for key in keys}, for_loading=True)
     loaded = dist_checkpointing.load(template, str(iteration_dir(load_dir, step)))
-    model_chunks[0].load_state_dict(loaded["model"])
+    _unwrapped(model_chunks).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if controller is not None:
@@ -190,18 +190,27 @@ def load_model_weights(load_dir: str | Path, model_chunks) -> None:
     if not (path / "metadata.json").is_file():
         raise ConfigError("pretrained", f"{load_dir} holds no Megatron dist checkpoint",
                           "convert the base model with desmoe-convert or give a --save dir")
-    model_state = model_chunks[0].sharded_state_dict()
+    model_state = _unwrapped(model_chunks).sharded_state_dict()
     saved_keys = _checkpoint_keys(path)
     wanted = {k: v for k, v in model_state.items() if _sharded_key(v) in saved_keys}
     if not any(not k.endswith("_extra_state") for k in wanted):
         raise ConfigError("pretrained", f"{load_dir} shares no tensor with this model",
                           "check the preset matches the converted model")
     loaded = dist_checkpointing.load({"model": wanted}, str(path))
-    missing, _ = model_chunks[0].load_state_dict(loaded["model"], strict=False)
+    missing, _ = _unwrapped(model_chunks).load_state_dict(loaded["model"], strict=False)
     unexpected_missing = [k for k in missing if ".router.adapter." not in k and "_extra_state" not in k]
     if unexpected_missing:
         raise ConfigError("pretrained", f"checkpoint lacks {unexpected_missing[0]} "
                           f"(+{len(unexpected_missing) - 1} more)", "check the model preset")
+
+
+def _unwrapped(model_chunks):
+    """The GPT model inside DDP / Float16Module wrappers (state-dict keys without prefixes)."""
+    from megatron_desmoe.training.engine import unwrap_model
+
+    if len(model_chunks) != 1:
+        raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
+    return unwrap_model(model_chunks[0])
 
 
 def _sharded_key(value) -> Optional[str]:

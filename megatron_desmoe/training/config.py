@@ -66,6 +66,7 @@ class TrainConfig:
     save: Optional[str] = None  # directory for checkpoints
     load: Optional[str] = None  # directory to resume from (latest checkpoint in it)
     save_interval: int = 0  # steps between checkpoints (0: only at the end)
+    exit_interval: int = 0  # stop (after saving) once the step count is a multiple of this
     # ---- logging / evaluation
     log_interval: int = 10  # steps between progress lines
     eval_interval: int = 0  # steps between per-domain validation (0: only at the end)

@@ -93,7 +93,10 @@ class DomainData:
             yield batch
 
     def esft_sample_microbatches(self) -> int:
-        return max(2, self.config.eval_iters) * len(self.domain_names)
+        """A few micro-batches per domain, at most what the training mixture holds."""
+        wanted = max(2, self.config.eval_iters) * len(self.domain_names)
+        available = len(self.train) // (self.config.micro_batch_size * self.dp_size)
+        return max(1, min(wanted, available))
 
     def esft_sample_iterator(self) -> Iterator[dict]:
         """A sample of the training mixture for ESFT's expert relevance scores."""

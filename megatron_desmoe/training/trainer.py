@@ -255,6 +255,12 @@ def _train_loop(plan: RunPlan, chunks, optimizer, scheduler, controller, data: D
             metrics.validation(step + 1, evaluate(chunks, data, plan))
         if config.save and config.save_interval and (step + 1) % config.save_interval == 0:
             _save(config, step + 1, chunks, optimizer, scheduler, controller, plan, consumed)
+        if config.exit_interval and (step + 1) % config.exit_interval == 0 and step + 1 < config.train_iters:
+            if config.save and not (config.save_interval and (step + 1) % config.save_interval == 0):
+                _save(config, step + 1, chunks, optimizer, scheduler, controller, plan, consumed)
+            metrics.close()
+            _log_rank0(f"exiting after step {step + 1} (--exit-interval)")
+            return summary
     summary.validation_after = evaluate(chunks, data, plan)
     metrics.validation(summary.final_step, summary.validation_after, tag="after")
     if config.save:
