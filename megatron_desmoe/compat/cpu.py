@@ -130,6 +130,18 @@ def patch_tensor_moves() -> None:
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
 
 
+def patch_tensor_new_factories() -> None:
+    """Failure: RuntimeError "Cannot access accelerator device when none is available" from
+    `input.new_empty(..., device=torch.cuda.current_device())` in the uneven all-to-all of
+    megatron.core.tensor_parallel.mappings._AllToAll (alltoall token dispatcher with EP > 1).
+    Tensor.new_* map a CUDA device to the CPU like the torch.* factories.
+    """
+    for name in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"):
+        fn = getattr(torch.Tensor, name)
+        if not getattr(fn, "__desmoe_cpu_patch__", False):
+            setattr(torch.Tensor, name, _map_device_kwarg(fn))
+
+
 class _NoOpStream:
     """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
 
@@ -224,6 +236,29 @@ def patch_clip_grads_type_check() -> None:
     torch.Tensor.type = type_
 
 
+def patch_alltoall_split_sizes() -> None:
+    """Failure: TypeError "all_to_all_single(): incompatible function arguments" from the
+    alltoall token dispatcher with EP > 1: its _maybe_dtoh_and_synchronize turns the split
+    sizes into numpy arrays through moe_utils.maybe_move_tensor_to_cpu, which converts only
+    CUDA tensors, so on the CPU they stay tensors. CPU tensors are converted the same way.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "__desmoe_cpu_patch__", False):
+        return
+
+    @functools.wraps(original)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.detach().numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu.__desmoe_cpu_patch__ = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def patch_yarn_rope_device() -> None:
     """Failure: RuntimeError "Cannot access accelerator device when none is available" when
     MLASelfAttention builds YarnRotaryEmbedding: it is not passed use_cpu_initialization and
@@ -258,9 +293,11 @@ def silence_rng_fork_warning() -> None:
 _PATCHES: tuple[Callable[[], None], ...] = (
     patch_tensor_factories,
     patch_tensor_moves,
+    patch_tensor_new_factories,
     patch_cuda_runtime,
     patch_cuda_rng,
     patch_clip_grads_type_check,
+    patch_alltoall_split_sizes,
     patch_yarn_rope_device,
     silence_rng_fork_warning,
 )

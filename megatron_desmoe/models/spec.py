@@ -10,15 +10,22 @@ GPU; needed for FP8).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional
+
+import torch
 
 from megatron_desmoe.compat import ensure_megatron_importable
 
 ensure_megatron_importable()
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.tensor_parallel.mappings import (  # noqa: E402
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
@@ -26,6 +33,7 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention  #
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 from megatron.core.utils import divide  # noqa: E402
@@ -73,6 +81,26 @@ class LocalMLASelfAttention(MLASelfAttention):
     no q norm, a standalone kv norm followed by a plain kv up-projection.
     """
 
+    def _qkv_down_projection(self, hidden_states):
+        """Make the TP-split kv down projection look like a plain Linear, as 0.19.2 already
+        does for the q down projection: gather the output width, re-scatter the sequence.
+
+        Without this, under TP > 1 with sequence parallelism Megatron 0.19.2 gathers the
+        width inside get_query_key_value_tensors and keeps k_pos_emb at full sequence length:
+        the backward of that gather keeps only this rank's width slice of the gradient, so
+        the rotary key's gradient counts only the heads of the rank owning that slice. Loss
+        matched one rank exactly while gradients upstream of every MLA layer were off by
+        up to 2% (tests/parallel, deepseek-v2-tiny, TP=2). With kv_combined as
+        [s/TP, b, kv_lora_rank + rope] the else-branch gathers k_pos_emb with
+        gather_from_sequence_parallel_region, whose reduce-scatter backward sums all heads.
+        """
+        q_compressed, kv_combined = super()._qkv_down_projection(hidden_states)
+        full_width = self.config.kv_lora_rank + self.config.qk_pos_emb_head_dim
+        if kv_combined.size(-1) != full_width and self.config.sequence_parallel:
+            kv_combined = gather_from_tensor_model_parallel_region(kv_combined, group=self.tp_group)
+            kv_combined = scatter_to_sequence_parallel_region(kv_combined, group=self.tp_group)
+        return q_compressed, kv_combined
+
     def _resolve_qk_norm_config(self, submodules):
         if self.config.q_lora_rank is not None:
             return super()._resolve_qk_norm_config(submodules)
@@ -83,6 +111,48 @@ class LocalMLASelfAttention(MLASelfAttention):
             q_layernorm=IdentityOp,
             kv_layernorm=submodules.kv_layernorm,
         )
+
+
+class SequenceParallelTorchNorm:
+    """The local spec's torch RMSNorm/LayerNorm, usable with sequence parallelism.
+
+    Megatron 0.19.2's local spec uses WrappedTorchNorm (no apex on CPU), which asserts
+    `not config.sequence_parallel`, so MoE models (which need SP with TP > 1) could not use
+    TP on the local backend. Same module and state-dict keys; its parameters are marked
+    `.sequence_parallel` (as FusedLayerNorm/TENorm do) so finalize_model_grads all-reduces
+    their gradients over the TP group.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                persist_layer_norm: bool = False, zero_centered_gamma: bool = False,
+                normalization: str = "LayerNorm"):
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms or config.layernorm_zero_centered_gamma:
+            raise ConfigError("normalization", f"{config.normalization!r} (zero-centred gamma: "
+                              f"{config.layernorm_zero_centered_gamma}) has no local SP norm",
+                              "use RMSNorm or LayerNorm without zero-centred gamma")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def _with_sequence_parallel_norms(spec):
+    """`spec` with every WrappedTorchNorm replaced by SequenceParallelTorchNorm (recursive)."""
+    if spec is WrappedTorchNorm:
+        return SequenceParallelTorchNorm
+    if isinstance(spec, list):
+        return [_with_sequence_parallel_norms(item) for item in spec]
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {}
+        for field_ in dataclasses.fields(spec):
+            if field_.init:
+                value = getattr(spec, field_.name)
+                new_value = _with_sequence_parallel_norms(value)
+                if new_value is not value:
+                    changes[field_.name] = new_value
+        return replace(spec, **changes) if changes else spec
+    return spec
 
 
 def te_available() -> bool:
@@ -117,7 +187,10 @@ def build_block_spec(
         pp_rank=pp_rank, vp_stage=vp_stage,
     )
     layers = [_customise_layer(spec, config, backend, moe_classes) for spec in block.layer_specs]
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=block.layer_norm)
+    block = TransformerBlockSubmodules(layer_specs=layers, layer_norm=block.layer_norm)
+    if backend == "local" and config.sequence_parallel:
+        block = _with_sequence_parallel_norms(block)
+    return block
 
 
 def _customise_layer(spec: ModuleSpec, config, backend: str, moe_classes: MoEClasses) -> ModuleSpec:
