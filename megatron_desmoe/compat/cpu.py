@@ -103,6 +103,11 @@ def patch_tensor_factories() -> None:
     router aux-loss trackers create tensors with device="cuda" or
     device=torch.cuda.current_device(). Factories map a CUDA device to the CPU instead.
     """
+    # `with torch.device(...)` finds factories in a set it caches on first use; build it from
+    # the original functions, or those contexts (transformers' meta init) stop applying.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name, None)
         if fn is not None and not getattr(fn, "__desmoe_cpu_patch__", False):

@@ -72,6 +72,7 @@ class MoEModelConfig:
     group_topk: Optional[int] = None  # group-limited routing: groups kept per token
     expert_bias: bool = False  # aux-loss-free load balancing bias (DeepSeek-V3 style)
     qk_layernorm: bool = False  # per-head RMSNorm on queries and keys (Qwen3)
+    qk_layernorm_full_width: bool = False  # OLMoE: the q/k RMSNorm spans all heads at once
     add_qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2)
     tie_word_embeddings: bool = False  # share input embedding and output layer
     mla: Optional[MLAConfig] = None  # multi-latent attention, or None for GQA/MHA
@@ -152,7 +153,9 @@ def _attention_params(cfg: MoEModelConfig) -> int:
         params = h * (n * d + kv) + n * d * h
         if cfg.add_qkv_bias:
             params += n * d + kv
-        if cfg.qk_layernorm:
+        if cfg.qk_layernorm_full_width:
+            params += n * d + cfg.num_query_groups * d
+        elif cfg.qk_layernorm:
             params += 2 * d
         return params
     m = cfg.mla
@@ -223,6 +226,7 @@ _OLMOE_1B_7B = MoEModelConfig(
     num_attention_heads=16, num_query_groups=16, kv_channels=128, ffn_hidden_size=1024,
     moe_ffn_hidden_size=1024, num_experts=64, topk=8, vocab_size=50304,
     max_position_embeddings=4096, rope_theta=10000.0, norm_epsilon=1e-5, qk_layernorm=True,
+    qk_layernorm_full_width=True,
     norm_topk_prob=False, aux_loss_coeff=0.01, published_total_params=6.92e9,
     hf_reference="allenai/OLMoE-1B-7B-0924",
 )
