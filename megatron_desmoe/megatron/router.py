@@ -75,6 +75,19 @@ class DESMoERouter(TopKRouter):
         self.isolation_active = False
         self._frozen_logits: Optional[torch.Tensor] = None
 
+    @torch.no_grad()
+    def reset_adapter_parameters(self, seed: int) -> None:
+        """Initialise the adapter from (seed, global layer number) alone, so every parallel
+        layout starts from the same adapter (module-construction RNG order differs with EP/PP)."""
+        if self.adapter is None:
+            return
+        generator = torch.Generator().manual_seed(seed * 1000 + int(self.layer_number))
+        weight = self.adapter.fc1.weight
+        values = torch.empty(weight.shape, dtype=torch.float32).normal_(
+            0.0, self.config.init_method_std, generator=generator)
+        weight.copy_(values.to(weight.device, weight.dtype))
+        self.adapter.fc2.weight.zero_()
+
     # ---------------------------------------------------------------- logits
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         frozen_logits = super().gating(input)

@@ -33,7 +33,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 from megatron_desmoe.errors import ConfigError  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Keys without "chained_i." prefixes: expert-parallel layouts chain a second optimizer for
+# expert parameters, so prefixed keys would not match across EP sizes.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                       "chained_optim_avoid_prefix": True}
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:
@@ -102,7 +105,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, *,
     if controller is not None:
         controller.gather_affinity_windows()
     state = _sharded_state(model_chunks, optimizer, controller, per_rank or {}, for_loading=False)
-    state["common"] = dict(common or {}, step=step)
+    state["common"] = dict(common or {}, step=step, layout=_layout())
     if lr_scheduler is not None:
         state["common"]["lr_scheduler"] = lr_scheduler.state_dict()
     try:
@@ -144,9 +147,16 @@ def read_common(load_dir: str | Path, step: Optional[int] = None) -> tuple[int, 
     return step, common["common"]
 
 
+def _layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "ep": parallel_state.get_expert_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
+
+
 def check_compatible(saved: dict, expected: dict) -> None:
     """Refuse a checkpoint whose model or domains differ from this run's."""
-    for key in ("model", "num_domains", "domain_names", "method"):
+    for key in ("model", "num_domains", "domain_names", "method", "tokenizer"):
         if key in expected and key in saved and saved[key] != expected[key]:
             raise ConfigError(
                 "load", f"checkpoint {key} {saved[key]!r} differs from this run's {expected[key]!r}",
@@ -165,10 +175,19 @@ def load_checkpoint(load_dir: str | Path, model_chunks, optimizer, *, controller
     keys = () if world_changed else per_rank_keys
     template = _sharded_state(model_chunks, optimizer, controller,
                               {key: None for key in keys}, for_loading=True)
-    loaded = dist_checkpointing.load(template, str(iteration_dir(load_dir, step)))
-    _unwrapped(model_chunks).load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+    try:
+        loaded = dist_checkpointing.load(template, str(iteration_dir(load_dir, step)))
+        _unwrapped(model_chunks).load_state_dict(loaded["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        if optimizer is None or common.get("layout") == _layout():
+            raise
+        raise ConfigError(
+            "load", f"the optimizer state saved at layout {common.get('layout')} cannot be "
+            f"resharded to {_layout()} ({type(error).__name__})",
+            "pass --no-load-optim (model, DES-MoE state and step are still restored), resume "
+            "at the saved layout, or use --use-distributed-optimizer for both runs") from error
     if controller is not None:
         controller.load_affinity_by_layer(
             {int(k.rsplit("_", 1)[1]): v for k, v in loaded.items()

@@ -43,6 +43,8 @@ class TrainConfig:
     overlap_grad_reduce: bool = False
     # ---- data
     data_blend: Optional[str] = None  # blend.json written by desmoe-preprocess
+    tokenizer_model: Optional[str] = None  # the model's SentencePiece .model: refused if the data used another
+    hf_tokenizer: Optional[str] = None  # or the model's Hugging Face tokenizer directory
     domains: Optional[list[str]] = None  # subset of the blend's domains to fine-tune on
     domain_weights: Optional[list[float]] = None  # sampling weights, same order as domains
     domain_pure_batches: bool = False  # every micro-batch from one domain (batch-level isolation)
@@ -65,12 +67,13 @@ class TrainConfig:
     # ---- checkpoints
     save: Optional[str] = None  # directory for checkpoints
     load: Optional[str] = None  # directory to resume from (latest checkpoint in it)
+    no_load_optim: bool = False  # with --load: restore model, DES-MoE state and step, not the optimizer
     save_interval: int = 0  # steps between checkpoints (0: only at the end)
     exit_interval: int = 0  # stop (after saving) once the step count is a multiple of this
     # ---- logging / evaluation
     log_interval: int = 10  # steps between progress lines
     eval_interval: int = 0  # steps between per-domain validation (0: only at the end)
-    eval_iters: int = 4  # validation micro-batches per domain
+    eval_iters: int = 4  # validation micro-batches per domain, over all data-parallel ranks
     tensorboard_dir: Optional[str] = None  # TensorBoard event files (default <save>/tensorboard)
     metrics_file: Optional[str] = None  # JSONL metrics (default <save>/metrics.jsonl)
 
@@ -99,6 +102,10 @@ class TrainConfig:
                 f"micro_batch_size x data_parallel = {per_step}",
                 f"use a multiple of {per_step}",
             )
+        if self.eval_iters % max(data_parallel, 1):
+            raise ConfigError("eval_iters", f"{self.eval_iters} validation micro-batches do not "
+                              f"split over {data_parallel} data-parallel ranks",
+                              f"use a multiple of {data_parallel}")
         if self.domains and self.domain_weights and len(self.domains) != len(self.domain_weights):
             raise ConfigError("domain_weights", "needs one weight per domain",
                               f"give {len(self.domains)} weights")

@@ -51,8 +51,9 @@ class DomainData:
         self.remap = torch.full((len(self.blend.names),), -1, dtype=torch.long)
         for index, name in enumerate(domain_names):
             self.remap[self.blend.domain(name).domain_id] = index
-        fingerprint = self.blend.tokenizer["fingerprint"]
-        valid_samples = config.eval_iters * config.micro_batch_size * self.dp_size
+        fingerprint = _run_tokenizer_fingerprint(config) or self.blend.tokenizer["fingerprint"]
+        # the same validation samples whatever the layout: eval_iters micro-batches in total
+        valid_samples = config.eval_iters * config.micro_batch_size
         weights = (dict(zip(domain_names, config.domain_weights))
                    if config.domain_weights else None)
         built = build_domain_datasets(
@@ -149,6 +150,16 @@ class DomainData:
                            group=parallel_state.get_pipeline_model_parallel_group())
         return {name: float(sums[i, 0] / sums[i, 1])
                 for i, name in enumerate(self.domain_names) if sums[i, 1] > 0}
+
+
+def _run_tokenizer_fingerprint(config) -> Optional[str]:
+    """Fingerprint of the tokenizer the run was configured with, if any (checked against
+    the one recorded in blend.json by build_domain_datasets)."""
+    if not (config.tokenizer_model or config.hf_tokenizer):
+        return None
+    from megatron_desmoe.data.tokenizer import load_tokenizer, tokenizer_spec
+
+    return load_tokenizer(tokenizer_spec(config.tokenizer_model, config.hf_tokenizer)).fingerprint()
 
 
 class _OneShot:

@@ -123,14 +123,28 @@ def plan_run(config: TrainConfig, world_size: int, domain_names: list[str],
 
 
 def resolve_model(config: TrainConfig) -> MoEModelConfig:
-    """The preset, or the architecture recorded beside a converted checkpoint."""
+    """The preset, or the architecture recorded with the pretrained checkpoint: beside a
+    converted one (desmoe_model.json) or inside one this trainer saved."""
     if config.pretrained:
         described = Path(config.pretrained) / "desmoe_model.json"
         if described.is_file():
             from megatron_desmoe.conversion.model_json import read_model_json
 
             return read_model_json(described)
+        if ckpt.latest_iteration(config.pretrained) is not None:
+            return model_from_dict(ckpt.read_common(config.pretrained)[1]["model"])
     return get_preset(config.preset)
+
+
+def model_from_dict(values: dict) -> MoEModelConfig:
+    from megatron_desmoe.models.presets import MLAConfig, RopeScaling
+
+    values = dict(values)
+    if values.get("mla"):
+        values["mla"] = MLAConfig(**values["mla"])
+    if values.get("rope_scaling"):
+        values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+    return MoEModelConfig(**values)
 
 
 def _fit_vocabulary(model: MoEModelConfig, config: TrainConfig) -> MoEModelConfig:
@@ -196,6 +210,8 @@ def run_training(config: TrainConfig, *, dry_run: bool = False) -> TrainSummary 
         use_distributed_optimizer=config.use_distributed_optimizer,
         **_model_kwargs(config),
     )
+    for router in DESMoEController(chunks, plan.desmoe, config.train_iters).routers:
+        router.reset_adapter_parameters(config.seed)
     if config.pretrained:
         ckpt.load_model_weights(config.pretrained, chunks)
     data = build_domain_data(config, domain_names, world_size)
@@ -203,13 +219,13 @@ def run_training(config: TrainConfig, *, dry_run: bool = False) -> TrainSummary 
     optimizer = build_optimizer(
         chunks, lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, clip_grad=config.clip_grad)
-    scheduler = build_lr_scheduler(optimizer, lr=config.lr, min_lr=config.min_lr,
-                                   warmup_steps=config.lr_warmup_iters,
-                                   decay_steps=config.train_iters, weight_decay=config.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=config.lr_warmup_iters,
+                                   decay_steps=config.train_iters)
     start_step, consumed = 0, 0
     if config.load and ckpt.latest_iteration(config.load) is not None:
-        common = ckpt.load_checkpoint(config.load, chunks, optimizer, controller=controller,
-                                      lr_scheduler=scheduler, expected=_run_identity(plan),
+        common = ckpt.load_checkpoint(config.load, chunks,
+                                      None if config.no_load_optim else optimizer,
+                                      controller=controller, lr_scheduler=scheduler, expected=_run_identity(plan),
                                       per_rank_keys=("rng_state",))
         start_step, consumed = common["step"], common["consumed_samples"]
         controller.esft_selected = _esft_from_common(common)
@@ -285,7 +301,8 @@ def evaluate(chunks, data: DomainData, plan: RunPlan) -> dict[str, float]:
         iterator = data.validation_iterator(name)
         losses = forward_backward(
             forward_step_func=data.forward_step(None), data_iterator=iterator, model=chunks,
-            num_microbatches=plan.config.eval_iters, seq_length=plan.config.seq_length,
+            num_microbatches=plan.config.eval_iters // data.dp_size,
+            seq_length=plan.config.seq_length,
             micro_batch_size=plan.config.micro_batch_size, decoder_seq_length=plan.config.seq_length,
             forward_only=True)
         results[name] = _token_mean(losses)
@@ -360,8 +377,11 @@ def _esft_from_common(common: dict) -> dict[int, torch.Tensor]:
 
 
 def _run_identity(plan: RunPlan) -> dict:
+    from megatron_desmoe.data.blend import load_blend
+
     return {"model": asdict(plan.model), "num_domains": plan.desmoe.num_domains,
-            "domain_names": plan.domain_names, "method": plan.desmoe.method}
+            "domain_names": plan.domain_names, "method": plan.desmoe.method,
+            "tokenizer": load_blend(plan.config.data_blend).tokenizer["fingerprint"]}
 
 
 def _check_resume_compatible(config: TrainConfig, plan: RunPlan) -> None:
