@@ -27,6 +27,7 @@ FP8_FORMATS = ("e4m3", "hybrid")
 class TrainConfig:
     # ---- model
     preset: str = "mixtral-tiny"  # model preset name (megatron_desmoe.models.presets)
+    model_overrides: dict = field(default_factory=dict)  # MoEModelConfig fields changed on the preset
     pretrained: Optional[str] = None  # dist checkpoint of the base model (weights only)
     backend: str = "local"  # "local" (CPU/GPU, Megatron modules) or "te" (Transformer Engine)
     bf16: bool = False  # bf16 parameters and compute (GPU)

@@ -133,7 +133,7 @@ def resolve_model(config: TrainConfig) -> MoEModelConfig:
             return read_model_json(described)
         if ckpt.latest_iteration(config.pretrained) is not None:
             return model_from_dict(ckpt.read_common(config.pretrained)[1]["model"])
-    return get_preset(config.preset)
+    return get_preset(config.preset, **config.model_overrides)
 
 
 def model_from_dict(values: dict) -> MoEModelConfig:

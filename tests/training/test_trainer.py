@@ -126,3 +126,29 @@ def test_megatron_style_flags_and_yaml(tmp_path):
     assert config.tensor_model_parallel_size == 2 and config.sequence_parallel
     assert config.lr == 0.1 and config.micro_batch_size == 2  # flag beats YAML
     assert config.desmoe == {"phi": 0.5, "kd_temperature": 0.9}
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_blend, tmp_path, monkeypatch):
+    save = tmp_path / "run"
+    run_training(_config(tiny_blend, save, train_iters=4, save_interval=2, exit_interval=2))
+    assert ckpt.latest_iteration(save) == 2
+
+    def out_of_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.dist_checkpointing, "save", out_of_disk)
+    with pytest.raises(OSError, match="previous checkpoint is intact"):
+        run_training(_config(tiny_blend, save, train_iters=4, save_interval=2, load=str(save)))
+    assert ckpt.latest_iteration(save) == 2
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith((".tmp", "iter_"))) == ["iter_0000002"]
+    monkeypatch.undo()
+    resumed = run_training(_config(tiny_blend, save, train_iters=4, load=str(save)))
+    assert resumed.steps == 2
+
+
+def test_blend_naming_a_missing_file_is_refused(tiny_blend, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(Path(tiny_blend).parent, copy)
+    next(copy.glob("code/train_text_document.bin")).unlink()
+    with pytest.raises(Exception, match="train_text_document"):
+        run_training(_config(copy / "blend.json"))
