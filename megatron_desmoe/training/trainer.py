@@ -115,6 +115,11 @@ def plan_run(config: TrainConfig, world_size: int, domain_names: list[str],
         dispatcher=config.moe_token_dispatcher_type,
     )
     validate_layout(model, parallel, world_size)
+    if model.qk_layernorm_full_width and parallel.tensor_parallel > 1:
+        raise ConfigError(
+            "tensor_model_parallel_size", "OLMoE's full-width q/k norm is split across TP "
+            "ranks, and Megatron's finalize_model_grads sums every q/k-norm gradient over TP, "
+            "which would corrupt those gradients", "train OLMoE with TP=1 (use EP/DP/PP)")
     desmoe = config.desmoe_config(len(domain_names)).validate()
     validate_megatron_config(_transformer_config(config, model, parallel, with_fp8=not dry_run),
                              desmoe)

@@ -182,7 +182,9 @@ def _rank_main(rank, port, blend_dir, cache_dir, fingerprint, results):
 
 
 def test_two_ranks_build_identical_datasets(blend_dir, tmp_path, sp_tokenizer):
-    context = multiprocessing.get_context("fork")  # children reuse the imported Megatron
+    # spawn, not fork: forking a process whose gloo world is already up (earlier tests in the
+    # same session) crashes the children
+    context = multiprocessing.get_context("spawn")
     results = context.Queue()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

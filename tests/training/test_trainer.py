@@ -152,3 +152,12 @@ def test_blend_naming_a_missing_file_is_refused(tiny_blend, tmp_path):
     next(copy.glob("code/train_text_document.bin")).unlink()
     with pytest.raises(Exception, match="train_text_document"):
         run_training(_config(copy / "blend.json"))
+
+
+def test_olmoe_training_with_tensor_parallelism_is_refused(tiny_blend):
+    from megatron_desmoe.training.trainer import plan_run
+
+    config = _config(tiny_blend, preset="olmoe-tiny", tensor_model_parallel_size=2,
+                     sequence_parallel=True, global_batch_size=2)
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
+        plan_run(config, world_size=2, domain_names=FINE_TUNE)
