@@ -13,7 +13,7 @@ LABELS = {"full": "full FT", "esft_token": "ESFT-Token", "esft_gate": "ESFT-Gate
 
 def _ms(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
     if not stat or stat.get("mean") is None:
-        return "n/a"
+        return f"n/a ({stat['missing']} of {stat['missing']} not reached/missing)" if stat and stat.get("missing") else "n/a"
     text = f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
     if stat.get("missing"):
         text += f" ({stat['missing']} of {stat['n'] + stat['missing']} not reached)"
@@ -43,6 +43,8 @@ def markdown(results: dict) -> str:
     h = results["headline"]
     paper = results["paper"]
     lines = [f"# DES-MoE benchmark results ({s['mode']} mode)", ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
     env = results.get("environment", {})
     lines += [f"Machine: {env.get('cpu_count')}-core CPU ({env.get('platform')}), torch "
               f"{env.get('torch')}, shared with other jobs (load average at the end: "

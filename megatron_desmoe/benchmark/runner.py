@@ -71,7 +71,7 @@ def full_settings() -> BenchmarkSettings:
     """The full mode. Sized for a shared 2-core CPU (see docs/benchmark.md). The corpus and
     the base are exactly the quickstart's (examples/quickstart.py), so its cache is reused."""
     return BenchmarkSettings(
-        mode="full", domain_counts=[2, 4, 6], seeds=[1, 2], steps=80, base_steps=300,
+        mode="full", domain_counts=[2, 3, 4, 5, 6], seeds=[1, 2], steps=80, base_steps=300,
         corpus=CorpusSettings(), base_run=RunSettings(),
         run=RunSettings(lr_warmup_iters=8, eval_iters=8, log_interval=20),
         desmoe={"affinity_update_interval": 8}, window=10, margin=0.02,
@@ -122,7 +122,7 @@ def step_timer():
 
 
 def run_benchmark(settings: BenchmarkSettings, out: Path, corpus_dir: Path,
-                  overhead: bool = True, log=print) -> dict:
+                  overhead: bool = True, log=print, command: Optional[str] = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -147,11 +147,14 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, corpus_dir: Path,
     overhead_result = None
     if overhead:
         overhead_result = measure_overhead(settings, blend, largest, log=log)
+    elif (out / "results.json").is_file():  # --no-overhead keeps an earlier measurement
+        overhead_result = json.loads((out / "results.json").read_text()).get("overhead")
     results = assemble(settings, runs, overhead_result)
     results["runtime"] = {"setup_s": setup_seconds, "total_s": time.perf_counter() - started,
                           "runs_s": sum(r["run_seconds"] for r in runs)}
     results["environment"] = environment()
     results["work_dir"] = str(work)
+    results["command"] = command
     from megatron_desmoe.benchmark.report import write_report
 
     write_report(results, out)
@@ -364,16 +367,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         settings.work_dir = str(cache_dir() / "quickstart")  # the quickstart's corpus and base
     if args.report_only:
-        report_only(settings, Path(args.out))
+        report_only(settings, Path(args.out), command=_command(argv))
         return 0
     from megatron_desmoe.settings import domain_data_dir
 
     corpus = Path(args.data_dir) if args.data_dir else domain_data_dir()
-    run_benchmark(settings, Path(args.out), corpus, overhead=not args.no_overhead)
+    run_benchmark(settings, Path(args.out), corpus, overhead=not args.no_overhead,
+                  command=_command(argv))
     return 0
 
 
-def report_only(settings: BenchmarkSettings, out: Path) -> dict:
+def _command(argv: Optional[list[str]]) -> str:
+    return "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def report_only(settings: BenchmarkSettings, out: Path, command: Optional[str] = None) -> dict:
     """Results from whatever runs finished (a partial benchmark), overhead kept if recorded."""
     key = settings.key()
     runs = []
@@ -389,6 +397,7 @@ def report_only(settings: BenchmarkSettings, out: Path) -> dict:
     results = assemble(settings, runs, overhead)
     results["runtime"] = {"runs_s": sum(r["run_seconds"] for r in runs)}
     results["environment"] = environment()
+    results["command"] = command
     from megatron_desmoe.benchmark.report import write_report
 
     write_report(results, out)
