@@ -238,7 +238,7 @@ def run_training(config: TrainConfig, *, dry_run: bool = False) -> TrainSummary 
             _restore_rng(common["rng_state"])
         _log_rank0(f"resumed from {config.load} at step {start_step}")
     elif plan.desmoe.esft_score:
-        controller.esft_selected = select_esft_experts(chunks, data, plan)
+        controller.esft_selected = select_esft_experts(chunks, data, plan, controller.routers)
     return _train_loop(plan, chunks, optimizer, scheduler, controller, data, start_step, consumed)
 
 
@@ -333,13 +333,12 @@ def _token_mean(losses_reduced) -> float:
 
 
 @torch.no_grad()
-def select_esft_experts(chunks, data: DomainData, plan: RunPlan) -> dict[int, torch.Tensor]:
+def select_esft_experts(chunks, data: DomainData, plan: RunPlan, routers) -> dict[int, torch.Tensor]:
     """ESFT: expert relevance on a sample of each fine-tuning domain, selected per layer."""
-    controller_routers = [m for m in chunks[0].modules() if m.__class__.__name__ == "DESMoERouter"]
-    layers = sorted(r.layer_number for r in controller_routers)
+    layers = sorted(r.layer_number for r in routers)
     accumulator = ESFTScoreAccumulator(len(layers), plan.desmoe.num_domains, plan.model.num_experts)
     handles = []
-    for router in controller_routers:
+    for router in routers:
         index = layers.index(router.layer_number)
 
         def hook(module, inputs, outputs, index=index):
