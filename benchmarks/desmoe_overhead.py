@@ -111,12 +111,11 @@ def build_runners(args, names):
 
 def adapter_flops_share(model, args) -> float:
     """Forward FLOPs of the adapter GEMMs over the model's forward FLOPs (analytic)."""
-    from megatron_desmoe.profiling.flops import forward_flops
+    from megatron_desmoe.profiling.flops import adapter_forward_flops, forward_flops
 
     width = args.adapter_hidden or 4 * model.hidden_size
-    per_token = 2 * (model.hidden_size * width + width * model.num_experts)
-    adapter = sum(model.moe_layer_pattern) * args.seq_len * per_token
-    return adapter / forward_flops(model, args.seq_len).total
+    return (adapter_forward_flops(model, width, args.seq_len)
+            / forward_flops(model, args.seq_len).total)
 
 
 def machine() -> dict:

@@ -116,3 +116,11 @@ def forward_flops(model: MoEModelConfig, seq_len: int) -> ForwardFlops:
 def training_step_flops(model: MoEModelConfig, seq_len: int, global_batch_sequences: int) -> int:
     """Model FLOPs of one optimizer step over `global_batch_sequences` sequences (all ranks)."""
     return BACKWARD_MULTIPLIER * forward_flops(model, seq_len).total * global_batch_sequences
+
+
+def adapter_forward_flops(model: MoEModelConfig, adapter_width: int, seq_len: int) -> int:
+    """Forward FLOPs of DES-MoE's router adapters for one sequence (not model FLOPs: the
+    adapter is method overhead; it runs in fp32). Per token and MoE layer:
+    2 * (h * a + a * E) for the two adapter GEMMs of width a."""
+    per_token = 2 * (model.hidden_size * adapter_width + adapter_width * model.num_experts)
+    return sum(model.moe_layer_pattern) * seq_len * per_token

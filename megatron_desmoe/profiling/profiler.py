@@ -56,7 +56,12 @@ from megatron_desmoe.models.presets import (  # noqa: E402
 from megatron_desmoe.models.spec import MoEClasses, te_available  # noqa: E402
 from megatron_desmoe.parallel.setup import init_model_parallel  # noqa: E402
 from megatron_desmoe.profiling.devices import lookup_peak  # noqa: E402
-from megatron_desmoe.profiling.flops import forward_flops, training_step_flops  # noqa: E402
+from megatron_desmoe.profiling.flops import (  # noqa: E402
+    BACKWARD_MULTIPLIER,
+    adapter_forward_flops,
+    forward_flops,
+    training_step_flops,
+)
 from megatron_desmoe.profiling.fp8 import (  # noqa: E402
     FP8_RECIPES,
     check_fp8_shapes,
@@ -174,6 +179,10 @@ def run_profile(spec: ProfileSpec, log: Callable[[str], None] = lambda _: None) 
         for router in spec.routers:
             log(f"run {precision} / {router} ...")
             timing, memory, extra = _measure(spec, dtype, recipe, router, backend, on_gpu)
+            if extra.get("adapter_hidden_size"):
+                extra["adapter_flops_per_step"] = BACKWARD_MULTIPLIER * global_sequences * \
+                    adapter_forward_flops(spec.model, extra["adapter_hidden_size"], spec.seq_len)
+                extra["adapter_flops_share"] = extra["adapter_flops_per_step"] / step_flops
             runs.append(_run_record(precision, router, timing, memory, extra, tokens_per_step,
                                     step_flops, world, device))
             log(f"    median step {timing['median_s'] * 1e3:.1f} ms")

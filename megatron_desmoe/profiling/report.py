@@ -42,6 +42,11 @@ def format_table(result: dict) -> str:
         for precision, ratio in result["desmoe_overhead"].items():
             lines.append(f"DES-MoE / stock step time ({precision}): {ratio:.3f} "
                          f"({(ratio - 1) * 100:+.1f}%)")
+    desmoe = next((run["desmoe"] for run in result["runs"] if "desmoe" in run), None)
+    if desmoe and desmoe.get("adapter_flops_share") is not None:
+        lines.append(f"DES-MoE adapter (width {desmoe['adapter_hidden_size']}, fp32) adds "
+                     f"{desmoe['adapter_flops_share'] * 100:.1f}% of the model FLOPs (not counted "
+                     f"in TFLOP/s); isolation mask density {desmoe['mask_density']:.2f}")
     for item in result["skipped"]:
         lines.append(f"skipped {item['precision']}: {item['reason']}")
     if device["type"] == "cpu":

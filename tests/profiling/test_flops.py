@@ -131,3 +131,10 @@ def test_gemm_flops_are_twice_the_active_weights(name):
     if not model.tie_word_embeddings:
         weights -= model.vocab_size * model.hidden_size  # the input embedding is a lookup
     assert per_token == 2 * weights
+
+
+def test_adapter_flops():
+    from megatron_desmoe.profiling.flops import adapter_forward_flops
+
+    model = get_preset("deepseek-v2-tiny")  # 3 layers, the first dense
+    assert adapter_forward_flops(model, 256, 16) == 2 * 16 * 2 * (64 * 256 + 256 * 8)

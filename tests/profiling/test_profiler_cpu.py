@@ -37,6 +37,8 @@ def test_runs_and_fields(profile):
         assert run["tokens_per_s_per_gpu"] > 0 and run["tflops_per_gpu"] > 0
         assert run["peak_memory_mib"] > 0
         assert run["mfu"] is None  # no peak for a CPU
+    assert result["runs"][1]["desmoe"]["adapter_flops_per_step"] == 3 * MICRO_BATCH * (
+        sum(get_preset("mixtral-tiny").moe_layer_pattern) * SEQ * 2 * (64 * 256 + 256 * 4))
     desmoe = result["runs"][1]["desmoe"]
     assert desmoe["mechanisms"] == ["adapter", "kd", "affinity", "isolation"]
     assert 0 < desmoe["mask_density"] <= 1
